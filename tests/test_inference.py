@@ -107,8 +107,8 @@ def test_device_and_precision_selection():
         inference.resolve_precision("fp8", cpu)
     with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
         inference.resolve_precision("fp16", cpu)
-    # auto on the CPU: bf16 only where this CPU measured it clearly faster than fp32
-    expected = "bf16" if inference.cpu_bf16_speedup() >= 1.3 else "fp32"
+    # auto on the CPU: bf16 only with native bf16 instructions
+    expected = "bf16" if inference.cpu_has_native_bf16() else "fp32"
     assert inference.resolve_precision("auto", cpu) == expected
     if torch.cuda.is_available():
         cuda = torch.device("cuda")

@@ -6,7 +6,6 @@ napari widget runs it in a ``thread_worker`` and the CLI and ``segment`` drive i
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -81,37 +80,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_speedup() -> float:
-    """Measured time ratio fp32 / bf16-autocast for a small conv stack on this CPU (0.0 when the CPU has no bf16
-    instructions). Flags alone mislead: bf16 without AVX512-BF16/AMX is emulated and many times slower, and even
-    with the flags a virtual machine may be slower in bf16, so ``auto`` only picks bf16 where it is measured faster.
-    """
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX). Without them oneDNN emulates
+    bf16 and runs many times slower than fp32, so ``auto`` keeps fp32 there. Unknown platforms: False."""
     flags = _cpu_flags()
-    if flags and not ({"avx512_bf16", "amx_bf16"} & flags):
-        return 0.0
-    net = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(3)]).eval()
-    net = net.to(memory_format=torch.channels_last)
-    x = torch.randn(2, 32, 96, 96).to(memory_format=torch.channels_last)
-
-    def best(bf16: bool) -> float:
-        times = []
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for _ in range(4):
-                t = time.perf_counter()
-                net(x)
-                times.append(time.perf_counter() - t)
-        return min(times[1:])
-
-    try:
-        return best(False) / best(True)
-    except RuntimeError:  # bf16 kernels missing in this build
-        return 0.0
+    return bool({"avx512_bf16", "amx_bf16"} & flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA that supports it, else fp16; fp16 on MPS; on CPU bf16 only where it is measured
-    at least 1.3x faster than fp32 (native bf16 instructions), fp32 otherwise."""
+    """``auto``: bf16 on CUDA that supports it, else fp16; fp16 on MPS; on the CPU bf16 (+ channels_last) only
+    with native bf16 instructions, fp32 otherwise."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -122,7 +100,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "mps":
         return "fp16"
-    return "bf16" if cpu_bf16_speedup() >= 1.3 else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def prepare_model(model: UNet, device: torch.device, precision: str) -> UNet:
@@ -244,24 +222,23 @@ def iter_segment(
     probs = np.empty((z, h, w), np.float32)
     yield Progress(0, z, f"segmenting {z} slices on {dev.type} ({prec})")
     start, bs = 0, batch_size
-    with torch.inference_mode():
-        while start < z:
-            if _is_cancelled(cancel):
-                raise Cancelled("segmentation cancelled")
-            stop = min(z, start + bs)
-            x = torch.from_numpy(preprocess.normalize(volume[start:stop], stats)).permute(0, 3, 1, 2)
-            try:
-                p = _forward_probs(net, x.to(dev), prec, tta, input_size, (h, w))
-            except _OOM:
-                if bs == 1:
-                    raise
-                bs = max(1, bs // 2)  # retry the same slices with half the batch
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            probs[start:stop] = p.cpu().numpy()
-            start = stop
-            yield Progress(start, z)
+    while start < z:
+        if _is_cancelled(cancel):
+            raise Cancelled("segmentation cancelled")
+        stop = min(z, start + bs)
+        x = torch.from_numpy(preprocess.normalize(volume[start:stop], stats)).permute(0, 3, 1, 2)
+        try:
+            with torch.inference_mode():  # scoped to the batch: the caller's code between yields runs normally
+                probs[start:stop] = _forward_probs(net, x.to(dev), prec, tta, input_size, (h, w)).cpu().numpy()
+        except _OOM:
+            if bs == 1:
+                raise
+            bs = max(1, bs // 2)  # retry the same slices with half the batch
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+        yield Progress(start, z)
     labels = postprocess(probs >= threshold, keep_largest=keep_largest, min_size=min_size)
     if dev.type == "cuda":
         del net

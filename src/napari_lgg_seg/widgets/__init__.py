@@ -1,0 +1,1 @@
+"""napari dock widgets (thin layers over the core)."""
