@@ -132,7 +132,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(_PICKLED_MODEL_HELP.format(path=path)) from exc
+        if "Unsupported global" in str(exc):  # the file names Python classes: a pickled model, not weights
+            raise CheckpointError(_PICKLED_MODEL_HELP.format(path=path)) from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):

@@ -36,9 +36,23 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--csv", type=Path, default=None, help="also write the per-patient table here")
 
 
-def _patients_in(path: Path) -> dict[str, Path]:
-    folders = [path] if io.is_patient_folder(path) else io.list_patients(path)
-    return {io.scan_patient_folder(f)[0]: f for f in folders}
+def _mask_folders(path: Path) -> dict[str, Path]:
+    """Patient id -> folder, for one folder of masks or a folder of such folders."""
+    try:
+        return {io.scan_patient_folder(path, masks_only=True)[0]: path}
+    except io.NotAnLGGFolder:
+        pass
+    if not path.is_dir():
+        raise io.LGGFormatError(f"{path}: not a folder")
+    found = {}
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            found[io.scan_patient_folder(sub, masks_only=True)[0]] = sub
+        except io.NotAnLGGFolder:
+            continue
+    if not found:
+        raise io.LGGFormatError(f"{path}: no folders with mask files (<patient>_<n>_mask.tif)")
+    return found
 
 
 def predict(args) -> int:
@@ -72,19 +86,15 @@ def predict(args) -> int:
 
 
 def evaluate(args) -> int:
-    preds, truths = _patients_in(args.pred_dir), _patients_in(args.truth_dir)
+    preds, truths = _mask_folders(args.pred_dir), _mask_folders(args.truth_dir)
     common = sorted(set(preds) & set(truths))
     if not common:
         raise io.LGGFormatError(f"{args.pred_dir}: no patient in common with {args.truth_dir}")
     missing = sorted(set(truths) - set(preds)) if len(truths) > 1 else []
     rows = []
     for pid in common:
-        pred = io.read_patient(preds[pid]).mask
-        truth = io.read_patient(truths[pid]).mask
-        if pred is None:
-            raise io.LGGFormatError(f"{preds[pid]}: no mask files to evaluate")
-        if truth is None:
-            raise io.LGGFormatError(f"{truths[pid]}: no true mask files")
+        pred = io.read_masks(preds[pid])[1]
+        truth = io.read_masks(truths[pid])[1]
         if pred.shape != truth.shape:
             raise io.LGGFormatError(f"{preds[pid]}: prediction is {pred.shape}, truth is {truth.shape}")
         row = {"patient": pid, "slices": pred.shape[0], "dsc": metrics.dice(pred, truth), "hd95": metrics.hd95(pred, truth)}

@@ -96,10 +96,11 @@ def _stack_same_size(paths: list[Path], arrays: list[np.ndarray], what: str) -> 
     return np.stack(arrays)
 
 
-def scan_patient_folder(folder: str | os.PathLike) -> tuple[str, list[Path], list[Path]]:
+def scan_patient_folder(folder: str | os.PathLike, masks_only: bool = False) -> tuple[str, list[Path], list[Path]]:
     """Return ``(patient_id, image_paths, mask_paths)`` in slice order 1..N, checking the layout.
 
-    ``mask_paths`` is empty when the folder has no masks. Raises :class:`NotAnLGGFolder` when the folder holds no
+    ``mask_paths`` is empty when the folder has no masks; with ``masks_only`` (a folder of predicted masks, as
+    ``lgg-seg predict`` writes) images are ignored and ``image_paths`` is empty. Raises :class:`NotAnLGGFolder` when the folder holds no
     LGG slice files, :class:`LGGFormatError` for a layout fault (named file).
     """
     folder = Path(folder)
@@ -124,22 +125,32 @@ def scan_patient_folder(folder: str | os.PathLike) -> tuple[str, list[Path], lis
         a, b = list(prefixes.values())[:2]
         raise LGGFormatError(f"{folder}: slices of more than one patient ({a.name} and {b.name})")
     patient_id = next(iter(prefixes))
+    if masks_only:
+        if not masks:
+            raise LGGFormatError(f"{folder}: no mask files (<patient>_<n>_mask.tif)")
+        numbers = _check_numbering(folder, patient_id, masks, "_mask")
+        return patient_id, [], [masks[n] for n in numbers]
     for n, p in sorted(masks.items()):
         if n not in images:
             raise LGGFormatError(f"{p}: mask without its image {patient_id}_{n}.tif")
     if not images:
         raise LGGFormatError(f"{folder}: only mask files, no image slices")
-    numbers = sorted(images)
-    expected = list(range(1, len(numbers) + 1))
-    if numbers != expected:
-        missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
-        if missing:
-            raise LGGFormatError(f"{folder / f'{patient_id}_{missing[0]}.tif'}: missing slice (slices run 1..{max(numbers)})")
-        raise LGGFormatError(f"{images[numbers[0]]}: slice numbers must start at 1")
+    numbers = _check_numbering(folder, patient_id, images, "")
     if masks and len(masks) != len(images):
         n = next(n for n in numbers if n not in masks)
         raise LGGFormatError(f"{folder / f'{patient_id}_{n}_mask.tif'}: missing mask (other slices have masks)")
     return patient_id, [images[n] for n in numbers], [masks[n] for n in numbers] if masks else []
+
+
+def _check_numbering(folder: Path, patient_id: str, files: dict[int, Path], suffix: str) -> list[int]:
+    numbers = sorted(files)
+    if numbers != list(range(1, len(numbers) + 1)):
+        missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+        if missing:
+            name = f"{patient_id}_{missing[0]}{suffix}.tif"
+            raise LGGFormatError(f"{folder / name}: missing slice (slices run 1..{max(numbers)})")
+        raise LGGFormatError(f"{files[numbers[0]]}: slice numbers must start at 1")
+    return numbers
 
 
 def is_patient_folder(path: str | os.PathLike) -> bool:
@@ -164,6 +175,12 @@ def read_patient(folder: str | os.PathLike, with_mask: bool = True) -> Patient:
         if mask.shape != image.shape[:3]:
             raise LGGFormatError(f"{mask_paths[0]}: mask is {mask.shape[1:]}, image is {image.shape[1:3]}")
     return Patient(patient_id, image, mask, folder, image_paths, mask_paths if with_mask else [])
+
+
+def read_masks(folder: str | os.PathLike) -> tuple[str, np.ndarray]:
+    """``(patient_id, labels (Z, H, W) uint8 0/1)`` from the mask files of a folder (images not needed)."""
+    patient_id, _, mask_paths = scan_patient_folder(folder, masks_only=True)
+    return patient_id, _stack_same_size(mask_paths, _read_many(mask_paths, _to_binary_mask), "mask")
 
 
 def read_slice(path: str | os.PathLike, with_mask: bool = True) -> Patient:
