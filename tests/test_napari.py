@@ -134,7 +134,8 @@ def test_segment_widget_in_a_worker_thread(viewer_with_patient, small_ckpt_file,
         pass
     qtbot.waitUntil(lambda: widget.worker is None, timeout=5_000)
     pid = widget.input.value[1]
-    assert f"{pid} prediction" in viewer.layers and f"{pid} probability" in viewer.layers
+    assert f"{pid} prediction" in viewer.layers
+    qtbot.waitUntil(lambda: f"{pid} probability" in viewer.layers, timeout=5_000)  # added one event-loop turn later
     assert "Dice vs" in widget.status.value and widget.run_button.enabled
 
 
