@@ -22,6 +22,19 @@ def test_manifest_is_valid_and_discovered():
     assert npe2.PluginManifest.from_distribution(PLUGIN).name == PLUGIN  # what `npe2 validate` checks
 
 
+def test_widget_is_in_the_plugins_menu(make_napari_viewer):
+    viewer = make_napari_viewer()
+
+    def texts(menu):
+        for action in menu.actions():
+            yield action.text()
+            if action.menu() is not None:
+                yield from texts(action.menu())
+
+    plugins = next(a.menu() for a in viewer.window._qt_window.menuBar().actions() if "Plugins" in a.text())
+    assert "Segment tumor (U-Net) (LGG Segmentation)" in list(texts(plugins))
+
+
 def test_reader_through_npe2(sample_dir, sample_patient):
     layers = npe2.read([str(sample_dir)], plugin_name=PLUGIN, stack=False)
     names = [kw["name"] for _, kw, _ in layers]
