@@ -7,11 +7,15 @@ import csv
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from . import checkpoint, inference, io, metrics
+from . import checkpoint, inference, io, metrics, preprocess
+from . import data as data_mod
+from . import train as train_mod
+from .model import PRESETS
 
 
 def _add_predict(sub) -> None:
@@ -117,18 +121,160 @@ def evaluate(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a U-Net on LGG patients (one machine, or several GPUs under torchrun)")
+    p.add_argument("data", nargs="+", type=Path, metavar="DATA", help="kaggle_3m root or patient folders")
+    p.add_argument("--output", "-o", required=True, type=Path, help="folder for checkpoints, metrics.csv, curves.png")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--split", type=Path, help='split file {"train": [...], "val": [...]} (patient names)')
+    g.add_argument("--val-patients", type=int, default=None, help="hold out N random patients (seeded)")
+    p.add_argument("--preset", default="fast", choices=list(PRESETS))
+    p.add_argument("--input-size", type=int, default=128, help="side the net runs at (0: native size)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 (adamw), 0.05 (sgd one-cycle peak)")
+    p.add_argument("--optimizer", default="adamw", choices=list(train_mod.OPTIMIZERS))
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--dice-weight", type=float, default=0.3, help="loss = W x soft Dice + (1 - W) x BCE")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--early-stop", type=int, default=None, help="stop after N epochs without a better val DSC")
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--resume", type=Path, default=None, help="epoch checkpoint of an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="allow an output folder that holds checkpoints")
+    p.add_argument("--device", default="auto", choices=inference.DEVICES)
+    p.add_argument("--precision", default="auto", choices=inference.PRECISIONS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=None, help="decoded-array cache (default ~/.cache/napari-lgg-seg)")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model on corrected masks and write a new checkpoint")
+    p.add_argument("--model", "-m", required=True, type=Path, help="checkpoint to start from")
+    p.add_argument("--data", required=True, nargs="+", type=Path, metavar="PATIENT_DIR", help="corrected patients")
+    p.add_argument("--output", "-o", required=True, type=Path, help="new checkpoint file")
+    p.add_argument("--slices", default=None, help="1-based slices to learn from, e.g. 12-18,22 (default: all)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None, help="optimiser steps (default 60)")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the selected slices")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--train-layers", default="all", choices=list(train_mod.TRAIN_LAYERS))
+    p.add_argument("--device", default="auto", choices=inference.DEVICES)
+    p.add_argument("--precision", default="auto", choices=inference.PRECISIONS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def parse_slices(text: str | None, n_slices: int) -> list[int] | None:
+    """'12-18,22' (1-based, inclusive) -> 0-based indices; None -> None (all)."""
+    if text is None:
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise ValueError(f"--slices: cannot read {part!r} (use e.g. 12-18,22)") from None
+        if lo < 1 or hi > n_slices or lo > hi:
+            raise ValueError(f"--slices: {part!r} outside 1..{n_slices}")
+        out.update(range(lo - 1, hi))
+    return sorted(out)
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def train(args) -> int:
+    import torch.distributed as dist
+
+    started = _init_distributed()
+    rank = dist.get_rank() if started else 0
+    try:
+        folders = io.resolve_inputs(args.data)
+        train_dirs, val_dirs = data_mod.split_patients(folders, args.split, args.val_patients, args.seed)
+        cfg = train_mod.TrainConfig(
+            preset=args.preset, input_size=(args.input_size, args.input_size) if args.input_size else None,
+            epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
+            optimizer=args.optimizer, weight_decay=args.weight_decay, dice_weight=args.dice_weight,
+            augment=not args.no_augment, precision=args.precision, device=args.device, seed=args.seed,
+            keep_last=args.keep_last, early_stop=args.early_stop)
+        pre = preprocess.DEFAULT
+        if args.resume is not None:
+            pre = checkpoint.load(args.resume).preprocessing
+        t0 = time.perf_counter()
+        tr = data_mod.load_samples(train_dirs, pre, args.cache)
+        va = data_mod.load_samples(val_dirs, pre, args.cache)
+        if rank == 0:
+            print(f"data: {len(tr)} train patients ({sum(s.image.shape[0] for s in tr)} slices), {len(va)} val "
+                  f"patients, read in {time.perf_counter() - t0:.0f}s", flush=True)
+        gen = train_mod.iter_train(tr, va, cfg, args.output, resume=args.resume, overwrite=args.overwrite,
+                                   data_info={"source": [str(p) for p in args.data],
+                                              "split": str(args.split) if args.split else None})
+        result = inference.run(gen, lambda ev: print(ev.line(), flush=True)
+                               if rank == 0 and isinstance(ev, train_mod.EpochReport) else None)
+        if rank == 0:
+            print(f"{result.stopped}: best val DSC "
+                  f"{max((r.get('val_dsc_mean', float('nan')) for r in result.history), default=float('nan')):.4f}"
+                  f" -> {result.best_path}; metrics.csv and curves.png in {args.output}")
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
+
+
+def finetune(args) -> int:
+    base = checkpoint.load(args.model)
+    if args.output.resolve() == args.model.resolve():
+        raise FileExistsError(f"{args.output}: is the starting model; write the fine-tuned model to a new file")
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output}: exists; pass --overwrite to replace it")
+    samples = []
+    for folder in io.resolve_inputs(args.data):
+        p = io.read_patient(folder)
+        if p.mask is None:
+            raise io.LGGFormatError(f"{folder}: no mask files to learn from")
+        samples.append(data_mod.Sample.from_arrays(p.patient_id, p.image, p.mask, base.preprocessing,
+                                                   parse_slices(args.slices, p.n_slices)))
+    gen = train_mod.iter_finetune(base, samples, steps=args.steps, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, augment=not args.no_augment,
+                                  train_layers=args.train_layers, device=args.device, precision=args.precision,
+                                  seed=args.seed)
+    result = inference.run(gen, lambda ev: print(ev.line(), flush=True)
+                           if isinstance(ev, train_mod.EpochReport) else None)
+    checkpoint.save(result.checkpoint, args.output, overwrite=args.overwrite)
+    n = sum(len(s.slices) for s in samples)
+    print(f"fine-tuned on {n} slices of {len(samples)} patients -> {args.output} (parent {args.model})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lgg-seg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_train(sub)
+    _add_finetune(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"predict": predict, "evaluate": evaluate}[args.command](args)
+        return {"predict": predict, "evaluate": evaluate, "train": train, "finetune": finetune}[args.command](args)
     except (io.LGGFormatError, checkpoint.CheckpointError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"lgg-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -218,9 +218,23 @@ def iter_segment(
     net = prepare_model(net, dev, prec)
     stats = preprocess.volume_stats(volume, preprocessing)
 
+    z = volume.shape[0]
+    yield Progress(0, z, f"segmenting {z} slices on {dev.type} ({prec})")
+    probs, bs = yield from iter_probabilities(net, volume, stats, dev, prec, batch_size, tta, input_size, cancel)
+    labels = postprocess(probs >= threshold, keep_largest=keep_largest, min_size=min_size)
+    if dev.type == "cuda":
+        del net
+        torch.cuda.empty_cache()
+    return Segmentation(probs, labels, dev.type, prec, bs, time.perf_counter() - t0)
+
+
+def iter_probabilities(net: UNet, volume: np.ndarray, stats, dev: torch.device, prec: str, batch_size: int = 16,
+                       tta: bool = False, input_size=None, cancel=None):
+    """The batched forward pass over a volume (model already prepared on ``dev``); yields :class:`Progress` after
+    each batch and returns ``(probabilities (Z, H, W) float32, batch size used)``. Shared with training's
+    validation so the DSC it reports is the DSC inference gives."""
     z, h, w = volume.shape[:3]
     probs = np.empty((z, h, w), np.float32)
-    yield Progress(0, z, f"segmenting {z} slices on {dev.type} ({prec})")
     start, bs = 0, batch_size
     while start < z:
         if _is_cancelled(cancel):
@@ -239,11 +253,7 @@ def iter_segment(
             continue
         start = stop
         yield Progress(start, z)
-    labels = postprocess(probs >= threshold, keep_largest=keep_largest, min_size=min_size)
-    if dev.type == "cuda":
-        del net
-        torch.cuda.empty_cache()
-    return Segmentation(probs, labels, dev.type, prec, bs, time.perf_counter() - t0)
+    return probs, bs
 
 
 def run(gen: Iterator[Progress], progress: Callable[[Progress], None] | None = None):
