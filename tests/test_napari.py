@@ -18,7 +18,7 @@ def test_manifest_is_valid_and_discovered():
     pm.discover()
     manifest = pm.get_manifest(PLUGIN)
     assert manifest.display_name == "LGG Segmentation"
-    assert [w.display_name for w in manifest.contributions.widgets] == ["Segment tumor (U-Net)"]
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Segment tumor (U-Net)", "Fine-tune on corrections"]
     assert npe2.PluginManifest.from_distribution(PLUGIN).name == PLUGIN  # what `npe2 validate` checks
 
 

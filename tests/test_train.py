@@ -151,6 +151,7 @@ def test_finetune_cli_records_parent_and_refuses_to_overwrite_the_start(tmp_path
     bad = subprocess.run(cmd[:-6] + ["--output", str(tmp_path / "x.pt"), "--slices", "3-999"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "outside 1.." in bad.stderr
+    assert data.parse_slices("12-14, 3", 20) == [2, 11, 12, 13] and data.parse_slices(None, 5) is None
 
 
 def test_train_cli_with_split_file(tmp_path, kaggle, split):

@@ -167,26 +167,6 @@ def _add_finetune(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-def parse_slices(text: str | None, n_slices: int) -> list[int] | None:
-    """'12-18,22' (1-based, inclusive) -> 0-based indices; None -> None (all)."""
-    if text is None:
-        return None
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        a, _, b = part.partition("-")
-        try:
-            lo, hi = int(a), int(b or a)
-        except ValueError:
-            raise ValueError(f"--slices: cannot read {part!r} (use e.g. 12-18,22)") from None
-        if lo < 1 or hi > n_slices or lo > hi:
-            raise ValueError(f"--slices: {part!r} outside 1..{n_slices}")
-        out.update(range(lo - 1, hi))
-    return sorted(out)
-
-
 def _init_distributed():
     """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
     import torch
@@ -248,7 +228,7 @@ def finetune(args) -> int:
         if p.mask is None:
             raise io.LGGFormatError(f"{folder}: no mask files to learn from")
         samples.append(data_mod.Sample.from_arrays(p.patient_id, p.image, p.mask, base.preprocessing,
-                                                   parse_slices(args.slices, p.n_slices)))
+                                                   data_mod.parse_slices(args.slices, p.n_slices)))
     gen = train_mod.iter_finetune(base, samples, steps=args.steps, epochs=args.epochs, lr=args.lr,
                                   batch_size=args.batch_size, augment=not args.no_augment,
                                   train_layers=args.train_layers, device=args.device, precision=args.precision,

@@ -120,6 +120,26 @@ def split_patients(folders: list[Path], split_file=None, val_patients: int | Non
     return [by_name[p] for p in names if p not in val], [by_name[p] for p in names if p in val]
 
 
+def parse_slices(text: str | None, n_slices: int) -> list[int] | None:
+    """'12-18,22' (1-based, inclusive, as users count slices) -> 0-based indices; None -> None (all)."""
+    if text is None:
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise ValueError(f"slices: cannot read {part!r} (use e.g. 12-18,22)") from None
+        if lo < 1 or hi > n_slices or lo > hi:
+            raise ValueError(f"slices: {part!r} outside 1..{n_slices}")
+        out.update(range(lo - 1, hi))
+    return sorted(out)
+
+
 # -------------------------------------------------------------------------------------------------- sampling
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,8 @@ def apply_prediction(viewer, patient_id: str, labels: np.ndarray) -> tuple[Label
     layer = viewer.layers[name] if name in viewer.layers else None
     record = layer.metadata.get(RECORD_KEY) if isinstance(layer, Labels) else None
     if layer is None or record is None or np.shape(record) != labels.shape:
-        new = viewer.add_labels(labels.copy(), name=name, opacity=0.6)  # napari makes a name unique
-        new.metadata[RECORD_KEY] = labels.copy()
-        new.metadata[META_KEY] = {"patient_id": patient_id, "role": "prediction"}
+        meta = {RECORD_KEY: labels.copy(), META_KEY: {"patient_id": patient_id, "role": "prediction"}}
+        new = viewer.add_labels(labels.copy(), name=name, opacity=0.6, metadata=meta)  # napari makes names unique
         return new, []
     current = np.asarray(layer.data)
     edited = np.any(current != record, axis=(1, 2))
@@ -103,6 +103,12 @@ def apply_prediction(viewer, patient_id: str, labels: np.ndarray) -> tuple[Label
 
 
 _FROZEN = False
+_INSTANCES: "weakref.WeakSet[SegmentWidget]" = weakref.WeakSet()
+
+
+def _unwrap(obj):
+    """napari hands plugins proxies of its objects; compare the objects behind them."""
+    return getattr(obj, "__wrapped__", obj)
 
 
 def _freeze_long_lived_objects() -> None:
@@ -145,6 +151,7 @@ class SegmentWidget(widgets.Container):
                                        labels=False),
                      self.status])
         _freeze_long_lived_objects()
+        _INSTANCES.add(self)
         self.checkpoint: checkpoint.Checkpoint | None = None  # the model the next run uses
         self._loaded_from: tuple | None = None
         self._cancel = threading.Event()
@@ -154,6 +161,12 @@ class SegmentWidget(widgets.Container):
         self.cancel_button.changed.connect(self.cancel)
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
+
+    @classmethod
+    def for_viewer(cls, viewer) -> "SegmentWidget | None":
+        """The Segment widget open in ``viewer`` (the fine-tune widget hands its model over to it)."""
+        target = _unwrap(viewer)
+        return next((w for w in list(_INSTANCES) if _unwrap(w.viewer) is target), None)
 
     # ----------------------------------------------------------------------------------------- inputs, model
 
