@@ -83,6 +83,8 @@ def test_finetune_in_a_worker_then_segment_again(corrected, tmp_path, qtbot):
         pass
     qtbot.waitUntil(lambda: seg.worker is None, timeout=10_000)
     np.testing.assert_array_equal(np.asarray(layer.data)[[9, 10, 11]], edited_before)  # corrections kept
+    assert seg.checkpoint.source == str(tmp_path / "tuned.pt")  # segmented with the fine-tuned model
+    assert seg.model_path.value == tmp_path / "tuned.pt"
     assert "kept your edits on slices 10, 11, 12" in seg.status.value
 
 

@@ -17,6 +17,7 @@ from .io import CHANNELS
 from .model import UNet, UNetConfig, buda_config_from_state_dict, from_buda_state_dict, is_buda_state_dict
 
 FORMAT = "napari-lgg-seg/checkpoint"
+BUILTIN_FILE = Path(__file__).parent / "models" / "lgg_fast128.pt"  # trained by the project, see MODEL_CARD.md
 VERSION = 1
 
 
@@ -163,3 +164,27 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: weights do not fit the recorded model settings ({exc})") from exc
     return ckpt
 
+
+
+def has_builtin() -> bool:
+    return BUILTIN_FILE.is_file()
+
+
+_BUILTIN_CACHE: list[Checkpoint] = []
+
+
+def load_builtin() -> Checkpoint:
+    """The model shipped inside the package (offline; ``weights_only=True``). A fresh copy each call, so callers
+    that fine-tune or move it never change what others get."""
+    if not has_builtin():
+        raise CheckpointError(f"{BUILTIN_FILE}: the built-in model is missing from this installation; pass --model")
+    if not _BUILTIN_CACHE:
+        _BUILTIN_CACHE.append(load(BUILTIN_FILE))
+    ckpt = copy.copy(_BUILTIN_CACHE[0])
+    ckpt.source = "built-in"
+    return ckpt
+
+
+def load_or_builtin(path) -> Checkpoint:
+    """``load(path)``, or the built-in model when ``path`` is None."""
+    return load_builtin() if path is None else load(path)

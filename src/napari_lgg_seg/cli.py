@@ -22,7 +22,7 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment patients and write <patient>_<n>_mask.tif (0/255) per slice")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="patient folder, TIFF stack or kaggle_3m root")
     p.add_argument("--output", "-o", required=True, type=Path, help="folder; masks go to OUTPUT/<patient>/")
-    p.add_argument("--model", "-m", required=True, type=Path, help="checkpoint file (.pt)")
+    p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint file (default: the built-in model)")
     p.add_argument("--device", default="auto", choices=inference.DEVICES)
     p.add_argument("--precision", default="auto", choices=inference.PRECISIONS)
     p.add_argument("--batch-size", type=int, default=16)
@@ -60,7 +60,7 @@ def _mask_folders(path: Path) -> dict[str, Path]:
 
 
 def predict(args) -> int:
-    ckpt = checkpoint.load(args.model)
+    ckpt = checkpoint.load_or_builtin(args.model)
     sources = io.resolve_inputs(args.inputs)
     outdir: Path = args.output
     outdir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def _add_train(sub) -> None:
 
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on corrected masks and write a new checkpoint")
-    p.add_argument("--model", "-m", required=True, type=Path, help="checkpoint to start from")
+    p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint to start from (default: built-in)")
     p.add_argument("--data", required=True, nargs="+", type=Path, metavar="PATIENT_DIR", help="corrected patients")
     p.add_argument("--output", "-o", required=True, type=Path, help="new checkpoint file")
     p.add_argument("--slices", default=None, help="1-based slices to learn from, e.g. 12-18,22 (default: all)")
@@ -217,8 +217,9 @@ def train(args) -> int:
 
 
 def finetune(args) -> int:
-    base = checkpoint.load(args.model)
-    if args.output.resolve() == args.model.resolve():
+    base = checkpoint.load_or_builtin(args.model)
+    start = args.model if args.model is not None else checkpoint.BUILTIN_FILE
+    if args.output.resolve() == start.resolve():
         raise FileExistsError(f"{args.output}: is the starting model; write the fine-tuned model to a new file")
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output}: exists; pass --overwrite to replace it")
@@ -237,7 +238,49 @@ def finetune(args) -> int:
                            if isinstance(ev, train_mod.EpochReport) else None)
     checkpoint.save(result.checkpoint, args.output, overwrite=args.overwrite)
     n = sum(len(s.slices) for s in samples)
-    print(f"fine-tuned on {n} slices of {len(samples)} patients -> {args.output} (parent {args.model})")
+    print(f"fine-tuned on {n} slices of {len(samples)} patients -> {args.output} (parent {base.source})")
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="segment the bundled sample patient with the built-in model, write its "
+                                      "masks, print DSC against its own masks, and show it in napari if a display exists")
+    p.add_argument("--output", "-o", type=Path, default=Path("lgg-sample-prediction"))
+    p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint (default: the built-in model)")
+    p.add_argument("--device", default="auto", choices=inference.DEVICES)
+    p.add_argument("--precision", default="auto", choices=inference.PRECISIONS)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-view", action="store_true", help="do not open napari even when a display exists")
+
+
+def _has_display() -> bool:
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def sample(args) -> int:
+    from ._sample_data import sample_path
+
+    ckpt = checkpoint.load_or_builtin(args.model)
+    patient = io.read_patient(sample_path())
+    result = inference.segment(patient.image, ckpt, device=args.device, precision=args.precision)
+    target = args.output / patient.patient_id
+    io.write_masks(result.labels, target, patient.patient_id, overwrite=args.overwrite)
+    dsc, hd = metrics.dice(result.labels, patient.mask), metrics.hd95(result.labels, patient.mask)
+    print(f"{patient.patient_id}: {patient.n_slices} slices segmented in {result.seconds:.1f}s "
+          f"({result.device}, {result.precision}) with {ckpt.source}; masks -> {target}")
+    print(f"per-volume DSC vs the sample's own masks: {dsc:.4f}  HD95: {hd:.2f} px")
+    if not args.no_view and _has_display() and os.environ.get("CI", "").lower() not in ("1", "true"):
+        import napari
+
+        from ._reader import patient_layers
+
+        viewer = napari.Viewer()
+        for data, kwargs, kind in patient_layers(patient):
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+        viewer.add_labels(result.labels, name=f"{patient.patient_id} prediction", opacity=0.6)
+        napari.run()
     return 0
 
 
@@ -248,13 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train(sub)
     _add_finetune(sub)
+    _add_sample(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"predict": predict, "evaluate": evaluate, "train": train, "finetune": finetune}[args.command](args)
+        return {"predict": predict, "evaluate": evaluate, "train": train, "finetune": finetune,
+                "sample": sample}[args.command](args)
     except (io.LGGFormatError, checkpoint.CheckpointError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"lgg-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from .. import checkpoint, data, inference, train
 from .segment import RECORD_KEY, SegmentWidget, _info, find_patients
 
 SLICE_MODES = ("edited slices", "all slices", "listed slices")
-START_MODELS = ("Segment widget's model", "file")
+START_MODELS = ("Segment widget's model", "built-in", "file")
 VALIDATION = ("none", "hold out 25% of the selected slices")
 EDITS_KEY = "lgg_seg_edited"  # Labels.metadata[EDITS_KEY]: set of slice indices painted since the last prediction
 
@@ -88,7 +88,8 @@ class FinetuneWidget(widgets.Container):
         self.layers = widgets.Select(label="learn from", choices=self._labels_choices)
         self.slice_mode = widgets.ComboBox(label="slices", choices=list(SLICE_MODES), value="edited slices")
         self.slice_list = widgets.LineEdit(label="listed (1-based)", value="", tooltip="e.g. 12-18,22")
-        self.start_model = widgets.ComboBox(label="start from", choices=list(START_MODELS), value=START_MODELS[0])
+        starts = [m for m in START_MODELS if m != "built-in" or checkpoint.has_builtin()]
+        self.start_model = widgets.ComboBox(label="start from", choices=starts, value=starts[0])
         self.model_path = widgets.FileEdit(label="model file", mode="r", filter="Checkpoints (*.pt *.pth)")
         self.steps = widgets.SpinBox(label="steps", value=60, min=1, max=100_000)
         self.lr = widgets.FloatSpinBox(label="learning rate", value=3e-4, min=1e-6, max=1.0, step=1e-4)
@@ -165,6 +166,8 @@ class FinetuneWidget(widgets.Container):
         return w
 
     def starting_model(self) -> checkpoint.Checkpoint:
+        if self.start_model.value == "built-in":
+            return checkpoint.load_builtin()
         if self.start_model.value == "file":
             path = Path(self.model_path.value)
             if not path.is_file():
@@ -220,7 +223,9 @@ class FinetuneWidget(widgets.Container):
         path = Path(self.save_path.value)
         if not str(self.save_path.value) or path.is_dir():
             raise ValueError("choose where to save the fine-tuned model (a .pt file)")
-        if base.source and Path(base.source).resolve() == path.resolve():
+        if path.resolve() == checkpoint.BUILTIN_FILE.resolve():
+            raise ValueError(f"{path}: is the built-in model; save the fine-tuned model to a new file")
+        if base.source and base.source != "built-in" and Path(base.source).resolve() == path.resolve():
             raise ValueError(f"{path}: is the starting model; save the fine-tuned model to a new file")
         if path.exists():
             raise FileExistsError(f"{path}: exists; choose a new file name")

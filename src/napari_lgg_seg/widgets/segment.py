@@ -133,7 +133,9 @@ class SegmentWidget(widgets.Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.input = widgets.ComboBox(label="input", choices=self._choices)
-        self.model_path = widgets.FileEdit(label="model", mode="r", filter="Checkpoints (*.pt *.pth)")
+        sources = (["built-in"] if checkpoint.has_builtin() else []) + ["file"]
+        self.model_source = widgets.ComboBox(label="model", choices=sources, value=sources[0])
+        self.model_path = widgets.FileEdit(label="model file", mode="r", filter="Checkpoints (*.pt *.pth)")
         self.device = widgets.ComboBox(label="device", choices=list(inference.DEVICES), value="auto")
         self.precision = widgets.ComboBox(label="precision", choices=list(inference.PRECISIONS), value="auto")
         self.batch_size = widgets.SpinBox(label="batch size", value=16, min=1, max=512)
@@ -145,7 +147,7 @@ class SegmentWidget(widgets.Container):
         self.run_button = widgets.PushButton(text="Segment")
         self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
         self.status = widgets.Label(value="")
-        self.extend([self.input, self.model_path, self.device, self.precision, self.batch_size, self.threshold,
+        self.extend([self.input, self.model_source, self.model_path, self.device, self.precision, self.batch_size, self.threshold,
                      self.tta, self.keep_largest, self.min_size, self.show_probability,
                      widgets.Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                                        labels=False),
@@ -157,6 +159,7 @@ class SegmentWidget(widgets.Container):
         self._cancel = threading.Event()
         self.worker = None
         self.model_path.changed.connect(self._on_model_path)
+        self.model_source.changed.connect(self._on_model_source)
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -180,7 +183,16 @@ class SegmentWidget(widgets.Container):
             # a patient just opened with the reader becomes the input, so Segment does the right thing at once
             self.input.value = ("patient", info["patient_id"])
 
+    def _on_model_source(self, _=None) -> None:
+        self._loaded_from = None
+        if self.model_source.value == "built-in" or Path(self.model_path.value).is_file():
+            self._on_model_path()
+
     def _on_model_path(self, _=None) -> None:
+        self._loaded_from = None  # the user chose a file: load it, even over a model handed over in memory
+        if self.model_source.value != "file" and Path(self.model_path.value).is_file():
+            with self.model_source.changed.blocked():
+                self.model_source.value = "file"
         try:
             ckpt = self.load_model()
         except Exception as exc:  # shown to the user; the previous model stays in use
@@ -191,14 +203,29 @@ class SegmentWidget(widgets.Container):
     def set_checkpoint(self, ckpt: checkpoint.Checkpoint) -> None:
         """Use ``ckpt`` for the next runs (the fine-tune widget hands its result over here)."""
         self.checkpoint = ckpt
-        self._loaded_from = ("memory", id(ckpt))
+        src = Path(ckpt.source) if ckpt.source else None
+        if src is not None and src.is_file():
+            with self.model_path.changed.blocked(), self.model_source.changed.blocked():
+                self.model_path.value = src
+                self.model_source.value = "file"
+            self._loaded_from = (str(src), src.stat().st_mtime_ns)
+        else:
+            with self.model_source.changed.blocked():
+                self.model_source.value = "file"  # not the built-in: the handed-over model in memory
+            self._loaded_from = ("memory", id(ckpt))
         self.threshold.value = ckpt.threshold
 
     def load_model(self) -> checkpoint.Checkpoint:
+        if self.model_source.value == "built-in":
+            if self._loaded_from != ("built-in",):
+                self.checkpoint = checkpoint.load_builtin()
+                self._loaded_from = ("built-in",)
+            return self.checkpoint
         path = Path(self.model_path.value)
         if path.is_file():
             key = (str(path), path.stat().st_mtime_ns)
-            if key != self._loaded_from:
+            handed_over = self._loaded_from is not None and self._loaded_from[0] == "memory"
+            if self._loaded_from is None or (key != self._loaded_from and not handed_over):
                 self.checkpoint = checkpoint.load(path)
                 self._loaded_from = key
         if self.checkpoint is None:
