@@ -253,6 +253,22 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-view", action="store_true", help="do not open napari even when a display exists")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="strip a training checkpoint to a model file (no optimiser state; fp16 option)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--output", "-o", required=True, type=Path)
+    p.add_argument("--half", action="store_true", help="store weights in fp16 (half the size; cast back on load)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def export(args) -> int:
+    ckpt = checkpoint.load(args.checkpoint)
+    ckpt.training = {k: v for k, v in ckpt.training.items() if k != "resume"}
+    checkpoint.save(ckpt, args.output, overwrite=args.overwrite, half=args.half)
+    print(f"{args.output}: {args.output.stat().st_size / 2**20:.1f} MB (epoch {ckpt.training.get('epochs')})")
+    return 0
+
+
 def _has_display() -> bool:
     if sys.platform in ("darwin", "win32"):
         return True
@@ -292,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_finetune(sub)
     _add_sample(sub)
+    _add_export(sub)
     return parser
 
 
@@ -299,7 +316,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"predict": predict, "evaluate": evaluate, "train": train, "finetune": finetune,
-                "sample": sample}[args.command](args)
+                "sample": sample, "export": export}[args.command](args)
     except (io.LGGFormatError, checkpoint.CheckpointError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"lgg-seg {args.command}: error: {exc}", file=sys.stderr)
         return 2
