@@ -24,6 +24,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
 from napari_lgg_seg import _sample_data, checkpoint, model
+from napari_lgg_seg.widgets.finetune import FinetuneWidget
 from napari_lgg_seg.widgets.segment import SegmentWidget
 
 
@@ -55,8 +56,8 @@ def main() -> None:
         app.processEvents()
         time.sleep(0.01)
 
-    def measure() -> dict:
-        """One Segment run from the button press until 1 s after the result is shown."""
+    def measure(widget=widget) -> dict:
+        """One run of a widget (Segment or Fine-tune) from the button press until 1 s after the result is shown."""
         gaps: list[float] = []
         stamps: list[float] = []
         t0 = time.perf_counter()
@@ -90,10 +91,20 @@ def main() -> None:
                 "max": max(gaps), "during": during, "after": after, "status": widget.status.value.splitlines()[0],
                 "slow": [(t, g) for g, t in zip(gaps, stamps) if g > 50], "segment_s": finished[0] - started}
 
-    runs = [("first run (napari inserts the prediction and probability layers)", measure()),
-            ("second run (layers updated in place)", measure())]
+    runs = [("Segment, first run (napari inserts the prediction and probability layers)", measure()),
+            ("Segment, second run (layers updated in place)", measure())]
+    # Fine-tune on corrections: 5 edited slices of the prediction, 30 steps, held-out validation
+    tune = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(tune, name="Fine-tune on corrections")
+    pred = viewer.layers[f"{_sample_data.SAMPLE_PATIENT} prediction"]
+    for z in range(8, 13):  # a brush stroke that changes the slice, whatever the prediction was there
+        pred.paint((z, 128, 128), 1 - int(np.asarray(pred.data)[z, 128, 128]))
+    tune.layers.value = [pred.name]
+    tune.steps.value = 30
+    tune.save_path.value = tmp / "tuned.pt"
+    runs.append(("Fine-tune, 30 steps on 5 edited slices (held-out validation)", measure(tune)))
 
-    print("# Event-loop responsiveness while the Segment widget runs")
+    print("# Event-loop responsiveness while the Segment and Fine-tune widgets run")
     print()
     print("Command: `xvfb-run -a python benchmarks/bench_responsiveness.py"
           f" --slices {args.slices} --precision {args.precision} --batch-size {args.batch_size}`")
@@ -103,7 +114,7 @@ def main() -> None:
     print(f"- volume: {args.slices} slices 256x256x3; model: fast preset, {args.precision}, batch {args.batch_size}; "
           "probability map shown too; a QTimer asks to tick every 10 ms on the main thread")
     print()
-    print("| run | segmenting | max gap while segmenting | showing the result: max gap | gaps > 100 ms (all) | median gap |")
+    print("| run | working | max gap while working | showing the result: max gap | gaps > 100 ms (all) | median gap |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in runs:
         print(f"| {name} | {r['segment_s']:.1f} s | {max(r['during']):.0f} ms | {max(r['after']):.0f} ms "

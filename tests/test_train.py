@@ -81,6 +81,13 @@ def test_short_training_lowers_the_loss_and_is_reproducible(two_train, sample_pa
     assert best.training["epochs"] == max(res.history, key=lambda r: r["val_dsc_mean"])["epoch"]
     assert best.preprocessing == preprocess.DEFAULT and best.input_size == (64, 64)
     assert "resume" not in best.training  # the model file carries no optimiser state
+    exported = tmp_path / "model.pt"
+    proc = subprocess.run([sys.executable, "-m", "napari_lgg_seg.cli", "export", str(tmp_path / "a" / "epoch_004.pt"),
+                           "--output", str(exported), "--half"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    small = checkpoint.load(exported)
+    assert "resume" not in small.training and small.training["epochs"] == 4
+    assert torch.load(exported, weights_only=True)["state_dict"]["head.weight"].dtype == torch.float16
     again = run(train.iter_train(tr, va, tiny_config(epochs=4), tmp_path / "b"))
     assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in res.history]
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
