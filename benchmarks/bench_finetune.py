@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=4, help="val patients to correct (the lowest-DSC ones)")
     ap.add_argument("--k", type=int, default=3, help="corrected slices per patient")
     ap.add_argument("--configs", default="3e-4:all:1,1e-3:all:1,1e-3:decoder:1,3e-4:all:0",
-                    help="lr:train_layers:freeze_batchnorm, comma separated")
+                    help="lr:train_layers:freeze_batchnorm[:context], comma separated; 'context' also learns from the "
+                         "uncorrected slices as the layer shows them (the model's own prediction), to hold it in place")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     summary = {}
     for spec in args.configs.split(","):
-        lr, layers, freeze = spec.split(":")
+        lr, layers, freeze, *ctx = spec.split(":")
         gains, forget = [], []
         for pid in chosen:
             p = val[pid]
@@ -71,7 +72,12 @@ def main() -> None:
             sd = metrics.dice_per_slice(before[pid], p.mask)
             corr = sorted(lesion[np.argsort(sd[lesion])[: args.k]].tolist())
             rest = [z for z in range(p.n_slices) if z not in corr]
-            sample = data.Sample.from_arrays(pid, p.image, p.mask, base.preprocessing, corr)
+            if ctx:  # the corrected layer: truth on the corrected slices, the model's prediction elsewhere
+                layer = before[pid].copy()
+                layer[corr] = p.mask[corr]
+                sample = data.Sample.from_arrays(pid, p.image, layer, base.preprocessing)
+            else:
+                sample = data.Sample.from_arrays(pid, p.image, p.mask, base.preprocessing, corr)
             t0 = time.perf_counter()
             res = inference.run(train.iter_finetune(base, [sample], steps=args.steps, lr=float(lr),
                                                     batch_size=args.batch_size, train_layers=layers,
@@ -84,15 +90,15 @@ def main() -> None:
             a_oth = statistics.mean(metrics.dice(after[q], val[q].mask) for q in others)
             gains.append(a_rest - b_rest)
             forget.append(a_oth - b_oth)
-            print(f"| lr {lr}, {layers}, freeze BN {bool(int(freeze))} | {pid} | {b_rest:.4f} | {a_rest:.4f} "
+            print(f"| lr {lr}, {layers}, freeze BN {bool(int(freeze))}{', context' if ctx else ''} | {pid} | {b_rest:.4f} | {a_rest:.4f} "
                   f"| {b_oth:.4f} | {a_oth:.4f} | {secs:.1f} |", flush=True)
         summary[spec] = (statistics.mean(gains), statistics.mean(forget))
     print()
     print("| setting | mean change, other slices | mean change, other patients |")
     print("|---|---:|---:|")
     for spec, (g, f) in summary.items():
-        lr, layers, freeze = spec.split(":")
-        print(f"| lr {lr}, {layers}, freeze BN {bool(int(freeze))} | {g:+.4f} | {f:+.4f} |")
+        lr, layers, freeze, *ctx = spec.split(":")
+        print(f"| lr {lr}, {layers}, freeze BN {bool(int(freeze))}{', context' if ctx else ''} | {g:+.4f} | {f:+.4f} |")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,10 @@ class FinetuneWidget(widgets.Container):
         self.lr = widgets.FloatSpinBox(label="learning rate", value=3e-4, min=1e-6, max=1.0, step=1e-4)
         self.batch_size = widgets.SpinBox(label="batch size", value=8, min=1, max=256)
         self.augment = widgets.CheckBox(text="augment (scale, rotation, flip)", value=True)
+        # benchmarks/bench_finetune.txt: learning only from 3 corrected slices made the model worse on the
+        # patient's other slices (-0.047 DSC); also learning the other slices as the layer shows them holds it
+        # in place (-0.010), so it is the default
+        self.context = widgets.CheckBox(text="also learn the other slices as shown (context)", value=True)
         self.train_layers = widgets.ComboBox(label="train layers", choices=list(train.TRAIN_LAYERS), value="all")
         self.validation = widgets.ComboBox(label="validation", choices=list(VALIDATION), value=VALIDATION[1])
         self.device = widgets.ComboBox(label="device", choices=list(inference.DEVICES), value="auto")
@@ -105,7 +109,7 @@ class FinetuneWidget(widgets.Container):
         self.progress = widgets.ProgressBar(label="progress", value=0, min=0, max=1)
         self.status = widgets.Label(value="")
         self.extend([self.layers, self.slice_mode, self.slice_list, self.start_model, self.model_path, self.steps,
-                     self.lr, self.batch_size, self.augment, self.train_layers, self.validation, self.device,
+                     self.lr, self.batch_size, self.augment, self.context, self.train_layers, self.validation, self.device,
                      self.save_path,
                      widgets.Container(widgets=[self.train_button, self.cancel_button, self.again_button],
                                        layout="horizontal", labels=False),
@@ -214,6 +218,8 @@ class FinetuneWidget(widgets.Container):
                 k = max(1, len(slices) // 4)
                 held = sorted(rng.choice(slices, size=k, replace=False).tolist())
             learn = [z for z in slices if z not in held]
+            if self.context.value:  # every slice but the held-out ones, as the layer shows them
+                learn = [z for z in range(mask.shape[0]) if z not in held]
             tr.append(data.Sample.from_arrays(pid, image, mask, base.preprocessing, learn))
             if held:
                 va.append(data.Sample.from_arrays(pid, image, mask, base.preprocessing, held))
