@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from magicgui import widgets
 from napari.layers import Labels
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
 from .. import checkpoint, data, inference, train
+from ._worker import start_job
 from .segment import RECORD_KEY, SegmentWidget, _info, find_patients
 
 SLICE_MODES = ("edited slices", "all slices", "listed slices")
@@ -307,15 +307,6 @@ class FinetuneWidget(widgets.Container):
             show_error(f"Fine-tune: {exc}")
             return None
 
-        def work():
-            try:
-                return (yield from job)
-            except inference.Cancelled:
-                return None
-
-        worker = create_worker(work, _start_thread=False)
-        worker.yielded.connect(self.on_event)
-
         def on_return(result):
             if result is None:
                 self.status.value = "cancelled: no model saved; the Segment widget keeps its model"
@@ -331,20 +322,9 @@ class FinetuneWidget(widgets.Container):
             self.status.value = f"failed: {exc}"
             show_error(f"Fine-tune: {exc}")
 
-        def on_finish():
-            self.worker = None
-            self.train_button.enabled = True
-            self.cancel_button.enabled = False
-
-        worker.returned.connect(on_return)
-        worker.errored.connect(on_error)
-        worker.finished.connect(on_finish)
-        self.worker = worker
-        self.train_button.enabled = False
-        self.cancel_button.enabled = True
         self.again_button.enabled = False
-        worker.start()
-        return worker
+        return start_job(self, job, self.train_button, self.cancel_button, on_yield=self.on_event,
+                         on_return=on_return, on_error=on_error)
 
     def cancel(self, _=None) -> None:
         self._cancel.set()

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 from magicgui import widgets
 from napari.layers import Image, Labels
-from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
 from .. import checkpoint, inference, io, metrics
 from .._reader import META_KEY
+from ._worker import start_job
 
 RECORD_KEY = "lgg_seg_prediction"  # Labels.metadata[RECORD_KEY]: what the widget last wrote, to find user edits
 
@@ -287,14 +287,6 @@ class SegmentWidget(widgets.Container):
             return None
         bar = napari_progress(total=0, desc=f"Segmenting {pid}")
 
-        def work():
-            try:
-                return (yield from job)
-            except inference.Cancelled:  # a normal end, not an error to report
-                return None
-
-        worker = create_worker(work, _start_thread=False)
-
         cancel = self._cancel
 
         def on_yield(p: inference.Progress):
@@ -315,21 +307,8 @@ class SegmentWidget(widgets.Container):
             self.status.value = f"{pid}: failed: {exc}"
             show_error(f"Segment tumor: {exc}")
 
-        def on_finish():
-            bar.close()
-            self.worker = None
-            self.run_button.enabled = True
-            self.cancel_button.enabled = False
-
-        worker.yielded.connect(on_yield)
-        worker.returned.connect(on_return)
-        worker.errored.connect(on_error)
-        worker.finished.connect(on_finish)
-        self.worker = worker
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        worker.start()
-        return worker
+        return start_job(self, job, self.run_button, self.cancel_button, on_yield=on_yield, on_return=on_return,
+                         on_error=on_error, on_finish=bar.close)
 
     def cancel(self, _=None) -> None:
         self._cancel.set()  # checked between batches; the running batch finishes first
