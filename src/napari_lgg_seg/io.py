@@ -183,13 +183,14 @@ def read_masks(folder: str | os.PathLike) -> tuple[str, np.ndarray]:
     return patient_id, _stack_same_size(mask_paths, _read_many(mask_paths, _to_binary_mask), "mask")
 
 
-def read_slice(path: str | os.PathLike, with_mask: bool = True) -> Patient:
-    """Read one slice file ``<patient>_<n>.tif`` (and its ``_mask.tif`` sibling when present) as a 1-slice patient."""
+def read_slice(path: str | os.PathLike, with_mask: bool = True, _pixels: np.ndarray | None = None) -> Patient:
+    """Read one slice file ``<patient>_<n>.tif`` (and its ``_mask.tif`` sibling when present) as a 1-slice patient.
+    ``_pixels``: the file's pixels when the caller has already decoded them."""
     path = Path(path)
     m = _SLICE_RE.match(path.name)
     if m is None or m["mask"]:
         raise LGGFormatError(f"{path}: not an LGG image slice name (<patient>_<n>.tif)")
-    image = _check_image_slice(path, _read_tiff(path))[None]
+    image = _check_image_slice(path, _read_tiff(path) if _pixels is None else _pixels)[None]
     mask_path = path.with_name(f"{m['patient']}_{m['n']}_mask{path.suffix}")
     mask = None
     if with_mask and mask_path.exists():
@@ -251,7 +252,7 @@ def read_any(path: str | os.PathLike, with_mask: bool = True) -> Patient:
     stack = read_stack(path)
     m = _SLICE_RE.match(path.name)
     if m is not None and not m["mask"] and stack.ndim == 4 and stack.shape[0] == 1:
-        return read_slice(path, with_mask=with_mask)  # one dataset slice: pick up its mask sibling too
+        return read_slice(path, with_mask=with_mask, _pixels=stack[0])  # one dataset slice, with its mask sibling
     if stack.ndim == 3:
         # Single-channel stack: treat as FLAIR and fill the other channels with it, as the dataset does for missing
         # sequences.
